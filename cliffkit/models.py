@@ -1,0 +1,171 @@
+"""Load causal language models, by Hugging Face id, local folder or embedded name.
+
+`load_model()` returns the model with its tokenizer and family, ready for batched
+generation (left padding) and for hooks. With no argument it loads the embedded
+default, which needs no network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cliffkit.embedded import EMBEDDED_INSTRUCT, ensure_embedded_model
+from cliffkit.families import Family, detect_family, get_family
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = EMBEDDED_INSTRUCT
+EMBEDDED_MODELS = {EMBEDDED_INSTRUCT: "scaffold"}
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, family and the id it was loaded by."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    family: Family
+    model_id: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """Return "cuda" when a GPU is visible and `device` is "auto" or None, else `device` or "cpu"."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Pick the compute dtype.
+
+    "auto" gives bfloat16 on CPU (measured on 2 cores with the default model: about
+    1.9x faster than float32 and half the peak memory) and on GPUs that support it,
+    float16 on older GPUs. Pass "float32" for exact numerics.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"Unknown dtype {dtype!r}. Use one of: auto, {', '.join(sorted(names))}.")
+    return names[dtype]
+
+
+def resolve_source(model_id: str) -> str:
+    """Map an embedded model name to its converted folder; other ids pass through unchanged."""
+    if model_id in EMBEDDED_MODELS:
+        return str(ensure_embedded_model())
+    return model_id
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _not_found_error(model_id: str, error: Exception) -> ValueError:
+    where = "while offline (HF_HUB_OFFLINE=1)" if _offline() else "on the Hugging Face Hub"
+    return ValueError(
+        f"Model {model_id!r} is not a local folder and was not found in the Hugging Face cache {where}: "
+        f"{error}. Pass a local folder, download it first on a machine with network "
+        f"(`hf download {model_id}`), or use the embedded default {DEFAULT_MODEL!r}."
+    )
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer set up for batched generation: left padding and a pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    # Left padding keeps every row's last real token at index -1, which both
+    # generation and last-position probes rely on.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    model_id: str = DEFAULT_MODEL,
+    *,
+    family: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM with its tokenizer and family.
+
+    Args:
+        model_id: a Hugging Face id, a local folder, or an embedded name such as
+            "cliffkit/qwen2.5-coder-0.5b-instruct" (the default).
+        family: a family name from `cliffkit.families.FAMILIES`; detected from the id
+            and config when None.
+        dtype: "auto", "float32", "bfloat16" or "float16", or a torch dtype.
+        device: "auto", "cpu", "cuda", "cuda:1", ... Ignored when `device_map` is set.
+        device_map: passed to transformers (e.g. "auto" to shard over several GPUs).
+        trust_remote_code: stays off unless the caller sets it.
+
+    Example:
+        >>> lm = load_model()                      # doctest: +SKIP
+        >>> lm.family.name                         # doctest: +SKIP
+        'scaffold'
+    """
+    source = resolve_source(model_id)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(source, trust_remote_code)
+    except OSError as error:
+        raise _not_found_error(model_id, error) from error
+
+    resolved_family = _pick_family(model_id, config.model_type, family)
+
+    logger.info("Loading %s (%s, family %s) on %s", model_id, torch_dtype, resolved_family.name,
+                device_map or device)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map,
+    )
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, family=resolved_family, model_id=model_id)
+
+
+def _pick_family(model_id: str, model_type: str, family: str | None) -> Family:
+    if family is not None:
+        return get_family(family)
+    if model_id in EMBEDDED_MODELS:
+        return get_family(EMBEDDED_MODELS[model_id])
+    # The whole path is matched, so a Hub cache folder such as
+    # models--deepseek-ai--DeepSeek-R1-Distill-Qwen-7B/snapshots/<hash> still selects its family.
+    return detect_family(model_id, model_type)
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: str | Family,
+               model_id: str | None = None) -> LoadedModel:
+    """Wrap an already loaded model and tokenizer, for example a tiny test model."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    resolved = get_family(family) if isinstance(family, str) else family
+    name = model_id or getattr(model.config, "name_or_path", "") or "unnamed-model"
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, family=resolved, model_id=name)
