@@ -1,0 +1,1 @@
+"""Subcommands of the `cliffkit` command line, one module per concept."""
