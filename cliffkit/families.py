@@ -78,31 +78,35 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="deepseek-r1-distill-qwen",
             id_patterns=("deepseek-r1-distill-qwen",),
-            description="DeepSeek-R1-Distill-Qwen 1.5B/7B/14B/32B: template opens <think>.",
+            description="DeepSeek-R1-Distill-Qwen 1.5B/7B/14B/32B (Qwen2 architecture): the template "
+            "writes BOS and ends with <｜Assistant｜><think>\\n.",
             **_R1,
         ),
         Family(
             name="deepseek-r1-distill-llama",
             id_patterns=("deepseek-r1-distill-llama",),
-            description="DeepSeek-R1-Distill-Llama 8B/70B: template opens <think>.",
+            description="DeepSeek-R1-Distill-Llama 8B/70B (Llama architecture): same template and "
+            "special tokens as the Qwen distills.",
             **_R1,
         ),
         Family(
             name="realsafe-r1",
             id_patterns=("realsafe-r1", "realsafe"),
-            description="RealSafe-R1 7B/8B: safety-aligned R1 distills, same format.",
+            description="RealSafe-R1 7B (Qwen2) and 8B (Llama): R1 distills fine-tuned for safety, "
+            "the well-aligned contrast; same format as the distills.",
             **_R1,
         ),
         Family(
             name="skywork-or1",
             id_patterns=("skywork-or1",),
-            description="Skywork-OR1: R1-distill based, same format.",
+            description="Skywork-OR1 7B/32B: RL-trained from R1-Distill-Qwen (Qwen2), same format.",
             **_R1,
         ),
         Family(
             name="qwq",
             id_patterns=("qwq",),
-            description="QwQ-32B: ChatML template that opens <think>.",
+            description="QwQ-32B (Qwen2 architecture): ChatML template that ends with "
+            "<|im_start|>assistant\\n<think>\\n.",
             **_R1,
         ),
         Family(
@@ -110,12 +114,15 @@ FAMILIES: dict[str, Family] = {
             id_patterns=("qwen3",),
             model_types=("qwen3", "qwen3_moe"),
             template_kwargs={"enable_thinking": True},
-            description="Qwen3 hybrid and -Thinking-2507 models, thinking switched on.",
+            description="Qwen3 hybrid models (thinking switched on by enable_thinking, cliffkit "
+            "appends <think>) and -Thinking-2507 models (qwen3 or qwen3_moe; the template opens "
+            "<think> itself and ignores enable_thinking).",
         ),
         Family(
             name="phi4-mini-reasoning",
             id_patterns=("phi-4-mini-reasoning", "phi4-mini-reasoning"),
-            description="Phi-4-mini-reasoning: Phi-3 architecture, model writes <think>.",
+            description="Phi-4-mini-reasoning (Phi-3 architecture): the template adds a fixed system "
+            "line and does not open <think>; the model writes it, so cliffkit appends it.",
         ),
         Family(
             name="cliffkit-thinker",
@@ -125,6 +132,8 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="scaffold",
             default_system=SCAFFOLD_SYSTEM_PROMPT,
+            # Qwen3 -Instruct-2507 models have no think phase, unlike the other Qwen3 models.
+            id_patterns=("instruct-2507",),
             model_types=("qwen2", "llama", "mistral", "gemma2", "gemma3_text", "phi3"),
             description="Any instruct model without a think phase: prompted to think, "
             "with budget forcing to close the block.",

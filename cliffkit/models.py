@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +22,14 @@ from cliffkit.families import Family, detect_family, get_family
 
 logger = logging.getLogger(__name__)
 
+# The embedded base with the distilled think-format LoRA adapter merged in; the plain
+# instruct model stays available as the "before" model of the distillation.
+EMBEDDED_THINKER = "cliffkit/qwen2.5-coder-0.5b-think"
 DEFAULT_MODEL = EMBEDDED_INSTRUCT
-EMBEDDED_MODELS = {EMBEDDED_INSTRUCT: "scaffold"}
+# Embedded name -> family. Every embedded name loads the same converted base folder.
+EMBEDDED_MODELS = {EMBEDDED_INSTRUCT: "scaffold", EMBEDDED_THINKER: "cliffkit-thinker"}
+# Embedded name -> adapter folder under cliffkit/adapters/, merged into the base at load time.
+EMBEDDED_ADAPTERS = {EMBEDDED_THINKER: "thinker"}
 
 
 @dataclass
@@ -109,6 +117,7 @@ def load_model(
     device: str | None = "auto",
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    max_memory: dict[int | str, int | str] | None = None,
 ) -> LoadedModel:
     """Load a causal LM with its tokenizer and family.
 
@@ -119,8 +128,15 @@ def load_model(
             and config when None.
         dtype: "auto", "float32", "bfloat16" or "float16", or a torch dtype.
         device: "auto", "cpu", "cuda", "cuda:1", ... Ignored when `device_map` is set.
-        device_map: passed to transformers (e.g. "auto" to shard over several GPUs).
+        device_map: passed to transformers and accelerate: "auto" (or "balanced",
+            "balanced_low_0", "sequential") shards the layers over all visible GPUs,
+            a device name puts the whole model there, and a dict maps module names to
+            devices, e.g. {"": "cpu"}. A sharded model takes its inputs on the device
+            of the input embedding (`cliffkit.backends.input_device`), and code that
+            reads activations must move each layer's tensors to the CPU itself.
         trust_remote_code: stays off unless the caller sets it.
+        max_memory: with `device_map`, the memory each device may hold, e.g.
+            {0: "70GiB", 1: "70GiB", "cpu": "100GiB"}.
 
     Example:
         >>> lm = load_model()                      # doctest: +SKIP
@@ -139,15 +155,92 @@ def load_model(
 
     resolved_family = _pick_family(model_id, config.model_type, family)
 
+    placement = _placement_kwargs(device_map, max_memory)
     logger.info("Loading %s (%s, family %s) on %s", model_id, torch_dtype, resolved_family.name,
                 device_map or device)
+    # An adapter is merged into float32 weights, so the sum is rounded to the compute
+    # dtype once, not added to weights that were already rounded.
+    merge_in_float32 = model_id in EMBEDDED_ADAPTERS and device_map is None
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map,
+        source, dtype=torch.float32 if merge_in_float32 else torch_dtype,
+        trust_remote_code=trust_remote_code, **placement,
     )
+    if model_id in EMBEDDED_ADAPTERS:
+        model = _merge_embedded_adapter(model, tokenizer, resolved_family, model_id)
+    if merge_in_float32:
+        model = model.to(torch_dtype)
     if device_map is None:
         model.to(device)
+    else:
+        _log_placement(model_id, model)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, family=resolved_family, model_id=model_id)
+
+
+def embedded_adapter_path(model_id: str) -> Path:
+    """Return the folder of the LoRA adapter shipped for an embedded name such as EMBEDDED_THINKER."""
+    return Path(str(resources.files("cliffkit"))) / "adapters" / EMBEDDED_ADAPTERS[model_id]
+
+
+def _merge_embedded_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: Family,
+                            model_id: str) -> PreTrainedModel:
+    from cliffkit.sft import load_adapter, read_marker
+
+    folder = embedded_adapter_path(model_id)
+    if read_marker(folder) is None:
+        raise FileNotFoundError(
+            f"The adapter of {model_id!r} is missing from {folder}. Reinstall cliffkit, or rebuild it with "
+            f"`cliffkit distil-thinker --out {folder}`; {EMBEDDED_INSTRUCT!r} loads without it."
+        )
+    base = LoadedModel(model=model, tokenizer=tokenizer, family=family, model_id=EMBEDDED_INSTRUCT)
+    return load_adapter(base, folder, merge=True, model_id=model_id).model
+
+
+# device_map strings that ask accelerate to plan the split; any other string names one device.
+SHARDING_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement_kwargs(device_map: str | dict[str, Any] | None,
+                      max_memory: dict[int | str, int | str] | None) -> dict[str, Any]:
+    """Check `device_map` and `max_memory` and return them as `from_pretrained` keyword arguments."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("max_memory needs device_map (for example device_map='auto'); "
+                             "without a device map the whole model goes to one device.")
+        return {"device_map": None}
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ValueError("device_map is an empty dict. Map module names to devices, e.g. {'': 'cpu'}, "
+                             "or pass device_map='auto'.")
+    elif isinstance(device_map, str):
+        if device_map not in SHARDING_STRATEGIES:
+            try:
+                torch.device(device_map)
+            except RuntimeError as error:
+                strategies = ", ".join(SHARDING_STRATEGIES)
+                raise ValueError(f"Invalid device_map {device_map!r}: {error}. Use one of {strategies}, "
+                                 "a device such as 'cuda:0', or a dict.") from None
+    else:
+        raise ValueError(f"device_map must be a string or a dict, got {type(device_map).__name__}.")
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    return kwargs
+
+
+def _log_placement(model_id: str, model: PreTrainedModel) -> None:
+    """Log where accelerate put the layers, and warn when some went to the CPU or disk."""
+    # accelerate sets hf_device_map only when it splits the model over several devices.
+    placement = getattr(model, "hf_device_map", None) or {}
+    mapped = {str(device) for device in placement.values()}
+    # Parameters offloaded to disk sit on the "meta" device until accelerate loads them.
+    used = {str(parameter.device) for parameter in model.parameters()} - {"meta"}
+    devices = sorted(mapped | used)
+    logger.info("%s is placed on: %s", model_id, ", ".join(devices))
+    offloaded = {"cpu", "disk"} & set(devices)
+    if offloaded and len(devices) > 1:
+        logger.warning("%s: some layers are offloaded to %s, which makes generation much slower. "
+                       "Use more GPUs, a smaller dtype, or raise max_memory.", model_id, " and ".join(sorted(offloaded)))
 
 
 def _pick_family(model_id: str, model_type: str, family: str | None) -> Family:

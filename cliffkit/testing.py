@@ -3,8 +3,8 @@
 Each tiny model has its family's architecture (Qwen2, Llama, Qwen3, Phi-3, ...) and a
 small byte-level BPE tokenizer that carries the family's special tokens and chat
 template, so rendering, splitting, hooks and head layouts run offline in seconds.
-The templates under `cliffkit/templates/` keep the generation-relevant part of each
-family's published template: roles, BOS handling and how the think block opens.
+The templates under `cliffkit/templates/` are the published chat templates of the real
+models (see `cliffkit/templates/README.md` for where each was read).
 """
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ STYLES: dict[str, TokenizerStyle] = {
     "deepseek-r1": TokenizerStyle("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>",
                                   _R1_SPECIALS, "deepseek-r1-distill.jinja", add_bos=True),
     "qwq": TokenizerStyle(None, "<|im_end|>", "<|endoftext|>", _CHATML_SPECIALS, "qwq.jinja"),
+    # Qwen3 hybrid models (thinking switched by `enable_thinking`) and the
+    # -Thinking-2507 models, whose template opens the think block itself.
     "qwen3": TokenizerStyle(None, "<|im_end|>", "<|endoftext|>", _CHATML_SPECIALS, "qwen3.jinja"),
+    "qwen3-thinking-2507": TokenizerStyle(None, "<|im_end|>", "<|endoftext|>", _CHATML_SPECIALS,
+                                          "qwen3-thinking-2507.jinja"),
     "phi4-mini-reasoning": TokenizerStyle(None, "<|end|>", "<|endoftext|>", _PHI_SPECIALS,
                                           "phi4-mini-reasoning.jinja"),
     "qwen2.5-instruct": TokenizerStyle("<|endoftext|>", "<|im_end|>", "<|endoftext|>", _CHATML_SPECIALS,
@@ -73,6 +77,39 @@ TINY_FAMILIES: dict[str, tuple[str, str]] = {
     "phi4-mini-reasoning": ("phi4-mini-reasoning", "phi3"),
     "cliffkit-thinker": ("qwen2.5-instruct", "qwen2"),
     "scaffold": ("qwen2.5-instruct", "qwen2"),
+}
+
+
+@dataclass(frozen=True)
+class TinyVariant:
+    """A tiny stand-in for one group of real models: their family, tokenizer style and architecture."""
+
+    family: str
+    style: str
+    model_type: str
+    stands_in_for: tuple[str, ...]
+
+
+# One entry per architecture and template that a real reasoning model of the
+# paper uses, so every combination is exercised offline.
+TINY_VARIANTS: dict[str, TinyVariant] = {
+    "deepseek-r1-distill-qwen": TinyVariant(
+        "deepseek-r1-distill-qwen", "deepseek-r1", "qwen2",
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+         "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B")),
+    "deepseek-r1-distill-llama": TinyVariant(
+        "deepseek-r1-distill-llama", "deepseek-r1", "llama", ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B",)),
+    "qwq": TinyVariant("qwq", "qwq", "qwen2", ("Qwen/QwQ-32B",)),
+    "qwen3-hybrid": TinyVariant("qwen3-thinking", "qwen3", "qwen3", ("Qwen/Qwen3-8B", "Qwen/Qwen3-14B")),
+    "qwen3-thinking-2507": TinyVariant(
+        "qwen3-thinking", "qwen3-thinking-2507", "qwen3", ("Qwen/Qwen3-4B-Thinking-2507",)),
+    "qwen3-moe-thinking-2507": TinyVariant(
+        "qwen3-thinking", "qwen3-thinking-2507", "qwen3_moe", ("Qwen/Qwen3-30B-A3B-Thinking-2507",)),
+    "phi4-mini-reasoning": TinyVariant(
+        "phi4-mini-reasoning", "phi4-mini-reasoning", "phi3", ("microsoft/Phi-4-mini-reasoning",)),
+    "skywork-or1": TinyVariant("skywork-or1", "deepseek-r1", "qwen2", ("Skywork/Skywork-OR1-7B",)),
+    "realsafe-r1-7b": TinyVariant("realsafe-r1", "deepseek-r1", "qwen2", ("RealSafe/RealSafe-R1-7B",)),
+    "realsafe-r1-8b": TinyVariant("realsafe-r1", "deepseek-r1", "llama", ("RealSafe/RealSafe-R1-8B",)),
 }
 
 
@@ -117,8 +154,10 @@ def tiny_config(model_type: str, vocab_size: int, **overrides: Any):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    if model_type in ("gemma2", "gemma3_text", "qwen3"):
+    if model_type in ("gemma2", "gemma3_text", "qwen3", "qwen3_moe"):
         settings["head_dim"] = 8
+    if model_type == "qwen3_moe":
+        settings.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     settings.update(overrides)
     return AutoConfig.for_model(model_type, **settings)
 
@@ -129,6 +168,27 @@ def tiny_model(family: str = "scaffold", seed: int = 0, dtype: torch.dtype = tor
     if family not in TINY_FAMILIES:
         raise ValueError(f"No tiny model for family {family!r}. Known: {', '.join(sorted(TINY_FAMILIES))}.")
     style, model_type = TINY_FAMILIES[family]
+    return _build_tiny(family, style, model_type, f"tiny/{family}", seed, dtype, config_overrides)
+
+
+def tiny_variant(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 **config_overrides: Any) -> LoadedModel:
+    """Build the tiny stand-in `name` from `TINY_VARIANTS`, e.g. "qwen3-moe-thinking-2507".
+
+    Example:
+        >>> lm = tiny_variant("realsafe-r1-8b")   # doctest: +SKIP
+        >>> type(lm.model).__name__               # doctest: +SKIP
+        'LlamaForCausalLM'
+    """
+    if name not in TINY_VARIANTS:
+        raise ValueError(f"No tiny variant {name!r}. Known: {', '.join(sorted(TINY_VARIANTS))}.")
+    variant = TINY_VARIANTS[name]
+    return _build_tiny(variant.family, variant.style, variant.model_type, f"tiny/{name}", seed, dtype,
+                       config_overrides)
+
+
+def _build_tiny(family: str, style: str, model_type: str, model_id: str, seed: int, dtype: torch.dtype,
+                config_overrides: dict[str, Any]) -> LoadedModel:
     tokenizer = tiny_tokenizer(style)
     special_ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=tokenizer.bos_token_id)
@@ -138,4 +198,4 @@ def tiny_model(family: str = "scaffold", seed: int = 0, dtype: torch.dtype = tor
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return wrap_model(model, tokenizer, get_family(family), model_id=f"tiny/{family}")
+    return wrap_model(model, tokenizer, get_family(family), model_id=model_id)

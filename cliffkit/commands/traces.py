@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from cliffkit.backends.cli import add_backend_options, engine_from_args
 from cliffkit.cli import add_generation_options, add_model_options, settings_from_args, split_list
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--per-source", type=int, default=None,
                           help="prompts drawn from each source, seeded (default: all).")
     add_generation_options(generate)
+    add_backend_options(generate)
     generate.add_argument("--out", required=True, help="trace file to write or resume (JSON Lines).")
     generate.set_defaults(handler=cmd_generate)
 
@@ -40,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample = subparsers.add_parser("sample", help="generate and judge a small sample: the quick main job.")
     add_model_options(sample)
     add_generation_options(sample)
+    add_backend_options(sample)
     sample.add_argument("--sources", default="harmbench,advbench,strongreject,benign,overrefusal",
                         help="comma-separated prompt sources (default: every harmful and benign source).")
     sample.add_argument("--per-source", type=int, default=8, help="prompts per source (default: 8).")
@@ -91,13 +94,12 @@ def _load_prompts(sources: list[str], split: str, per_source: int | None, seed: 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from cliffkit.generate import generate_traces
-    from cliffkit.models import load_model
 
     settings = settings_from_args(args)
     prompts = _load_prompts(split_list(args.sources) or [], args.split, args.per_source, args.seed,
                             split_list(args.categories))
-    lm = load_model(args.model, family=args.family, dtype=args.dtype, device=args.device)
-    generate_traces(lm, prompts, settings, out=args.out)
+    engine = engine_from_args(args)
+    generate_traces(engine, prompts, settings, out=args.out)
     logger.info("Traces are in %s", args.out)
     return 0
 
@@ -115,7 +117,6 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from cliffkit.generate import generate_traces
     from cliffkit.judge import judge_traces, refusal_report
-    from cliffkit.models import load_model
     from cliffkit.traces import read_traces, write_traces_atomic
 
     run_dir = Path(args.run_dir)
@@ -123,8 +124,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = run_dir / "traces.jsonl"
 
     prompts = _load_prompts(split_list(args.sources) or [], "test", args.per_source, args.seed)
-    lm = load_model(args.model, family=args.family, dtype=args.dtype, device=args.device)
-    generate_traces(lm, prompts, settings_from_args(args), out=out)
+    engine = engine_from_args(args)
+    generate_traces(engine, prompts, settings_from_args(args), out=out)
 
     judged = judge_traces(read_traces(out))
     write_traces_atomic(out, judged)
@@ -132,7 +133,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     report.to_csv(run_dir / "refusal_by_source.csv", index=False)
 
     closed = sum(trace.closed_by == "model" for trace in judged)
-    print(f"Model {lm.model_id} (family {lm.family.name}): {len(judged)} traces; the model closed its "
+    print(f"Model {engine.model_id} (family {engine.family.name}): {len(judged)} traces; the model closed its "
           f"think block itself in {closed} of them, budget forcing closed the rest.")
     print(report.to_string(index=False))
     print(f"Traces: {out}\nReport: {run_dir / 'refusal_by_source.csv'}")
