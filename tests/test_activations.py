@@ -258,3 +258,15 @@ def test_shards_round_trip_and_resume(scaffold, tmp_path):
 def test_empty_traces_rejected(scaffold):
     with pytest.raises(ValueError, match="no traces"):
         next(iter_activations(scaffold, [], "all"))
+
+
+@pytest.mark.slow
+def test_real_model_batched_matches_hidden_states(embedded_lm):
+    traces = make_traces(embedded_lm, TEXTS[:2])
+    encoded = encode_traces(embedded_lm, traces)
+    batch = next(iter_activations(embedded_lm, traces, [12], batch_size=2, progress=False))
+    for row, index in enumerate(batch.indices):
+        with torch.no_grad():
+            reference = embedded_lm.model(input_ids=encoded[index].input_ids[None],
+                                          output_hidden_states=True).hidden_states[13][0]
+        torch.testing.assert_close(batch.trace(row)[0], reference, rtol=1e-4, atol=1e-4)

@@ -51,7 +51,7 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="traces per forward pass (default: 4).")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, folds and bootstrap (default: 0).")
     parser.add_argument("--min-per-class", type=int, default=8,
-                        help="fewest traces per class a probe task accepts (default: 8). Lower it only to explore "
+                        help="minimum traces per class for a probe task (default: 8). Lower it only to explore "
                              "small runs: held-out metrics then rest on a few traces.")
     parser.add_argument("--cache-dir", default=None,
                         help="activation cache folder, shareable between run folders of the same model "
@@ -95,30 +95,39 @@ def _write_json(path: Path, data: Any) -> None:
 
 # --------------------------------------------------------------------------- probe
 
-def run_probe_stage(lm, traces, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Fit the per-layer probes of every task that has enough data, and write them with the sweep and the controls."""
+def run_probe_stage(lm, traces, run_dir: str | Path, layers: Sequence[int] | str = "all", task: str = "refusal",
+                    batch_size: int = 4, seed: int = 0, *, min_per_class: int | None = None,
+                    cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """Fit the per-layer probes of every task that has enough data, and write them with the sweep and the controls.
+
+    This is the step behind `cliffkit probe`. Artifacts go to run_dir/probe, and
+    last-position activations are cached in `cache_dir` (run_dir/cache/activations by
+    default). Returns the summary also written to run_dir/probe/summary.json.
+    """
     import pandas as pd
 
     from cliffkit.activations import last_position_activations, resolve_layers
     from cliffkit.plots import plot_layer_sweep, save_figure
     from cliffkit.probe import MIN_PER_CLASS
 
-    task = args.task
+    run_dir = Path(run_dir)
+    min_per_class = MIN_PER_CLASS if min_per_class is None else min_per_class
     out = run_dir / "probe"
-    layer_tuple = resolve_layers(lm, _parse_layers(args.layers))
-    cache_dir = Path(args.cache_dir) if args.cache_dir else run_dir / "cache" / "activations"
-    X = last_position_activations(lm, traces, layer_tuple, batch_size=args.batch_size, cache_dir=cache_dir)
-    if args.min_per_class < MIN_PER_CLASS:
-        logger.warning("--min-per-class %d is below %d: held-out metrics may rest on one or two traces per class",
-                       args.min_per_class, MIN_PER_CLASS)
+    layer_tuple = resolve_layers(lm, layers)
+    cache_dir = Path(cache_dir) if cache_dir else run_dir / "cache" / "activations"
+    X = last_position_activations(lm, traces, layer_tuple, batch_size=batch_size, cache_dir=cache_dir)
+    if min_per_class < MIN_PER_CLASS:
+        logger.warning("min_per_class %d is below %d: held-out metrics may rest on one or two traces per class",
+                       min_per_class, MIN_PER_CLASS)
 
     summary: dict[str, Any] = {"model_id": lm.model_id, "n_traces": len(traces), "layers": list(layer_tuple),
-                               "main_task": task, "min_per_class": args.min_per_class,
+                               "main_task": task, "min_per_class": min_per_class,
                                "label_counts": _label_counts(traces), "tasks": {}}
     sweeps, splits = [], {}
     for name in [task] + [t for t in CONTROL_TASKS if t != task]:
         try:
-            sweep, data, split, info = _fit_task(name, traces, X, layer_tuple, lm.model_id, out, args)
+            sweep, data, split, info = _fit_task(name, traces, X, layer_tuple, lm.model_id, out, min_per_class,
+                                                 seed)
         except ValueError as error:
             if name == task:
                 raise
@@ -135,12 +144,12 @@ def run_probe_stage(lm, traces, run_dir: Path, args: argparse.Namespace) -> dict
                 out / "sweep.png")
 
     summary["transfer"] = _transfer_check(lm, traces, splits[task], summary["tasks"][task]["best_layer"], task,
-                                          out, args.batch_size)
+                                          out, batch_size)
     _write_json(out / "summary.json", summary)
     return summary
 
 
-def _fit_task(name: str, traces, X, layer_tuple, model_id: str, out: Path, args: argparse.Namespace):
+def _fit_task(name: str, traces, X, layer_tuple, model_id: str, out: Path, min_per_class: int, seed: int):
     """Fit and save one task's probes at every layer, its split and its difference-of-means directions."""
     import torch
     from safetensors.torch import save_file
@@ -149,11 +158,11 @@ def _fit_task(name: str, traces, X, layer_tuple, model_id: str, out: Path, args:
                                 split_by_prompt, sweep_layers, task_labels)
 
     data = task_labels(traces, name)
-    check_class_counts(data.y, data.task, args.min_per_class)
-    split = split_by_prompt(data.groups, data.y, seed=args.seed)
+    check_class_counts(data.y, data.task, min_per_class)
+    split = split_by_prompt(data.groups, data.y, seed=seed)
 
     sweep, probes = sweep_layers(X[data.indices], data.y, data.groups, layer_tuple, split=split,
-                                 model_id=model_id, task=name, seed=args.seed)
+                                 model_id=model_id, task=name, seed=seed)
     sweep.insert(0, "task", name)
     for layer, probe in probes.items():
         probe.save(out / name / f"layer_{layer:02d}")
@@ -174,6 +183,11 @@ def _fit_task(name: str, traces, X, layer_tuple, model_id: str, out: Path, args:
         "sweep": sweep.drop(columns=["task"]).to_dict(orient="records"),
     }
     return sweep, data, split, info
+
+
+def _probe_from_args(lm, traces, run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    return run_probe_stage(lm, traces, run_dir, _parse_layers(args.layers), args.task, args.batch_size, args.seed,
+                           min_per_class=args.min_per_class, cache_dir=args.cache_dir)
 
 
 def _label_counts(traces) -> dict[str, int]:
@@ -215,7 +229,7 @@ def _transfer_check(lm, traces, task_split, layer: int, task: str, out: Path, ba
 def cmd_probe(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     traces, lm = _load_inputs(args)
-    summary = run_probe_stage(lm, traces, run_dir, args)
+    summary = _probe_from_args(lm, traces, run_dir, args)
     _print_probe_summary(summary)
     print(f"Probe artifacts: {run_dir / 'probe'}")
     return 0
@@ -290,7 +304,7 @@ def cmd_cliff(args: argparse.Namespace) -> int:
     summary_path = run_dir / "probe" / "summary.json"
     if not probes or not summary_path.exists():
         logger.info("no %s probes in %s: fitting them first", args.task, run_dir / "probe")
-        probe_summary = run_probe_stage(lm, traces, run_dir, args)
+        probe_summary = _probe_from_args(lm, traces, run_dir, args)
         _print_probe_summary(probe_summary)
         probes = _load_task_probes(run_dir, args.task)
     probe_summary = json.loads(summary_path.read_text(encoding="utf-8"))
