@@ -127,7 +127,10 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="cliffkit-thinker",
             id_patterns=("cliffkit/qwen2.5-coder-0.5b-think",),
-            description="The embedded default with the distilled think-format LoRA adapter.",
+            # No default_system: the Qwen2.5 chat template then writes its own default
+            # system line, in the distillation data as at inference.
+            description="The embedded Qwen2.5-Coder-0.5B-Instruct with the distilled think-format "
+            "LoRA adapter merged in; the prompt is prefilled with <think>.",
         ),
         Family(
             name="scaffold",
