@@ -843,8 +843,8 @@ def _execute_one(chapter: Chapter, executed: Path, parameters: Mapping[str, Any]
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    # Exercise checks raise on a missing solution instead of printing a reminder, and
-    # progress bars stay out of the executed copies (the book would show them as text).
+    # Exercise checks raise on a missing solution instead of printing a reminder. TQDM_DISABLE
+    # silences the bars whose caller leaves `disable` unset; drop_progress_outputs removes the rest.
     os.environ[STRICT_CHECKS_VARIABLE] = "1"
     previous_tqdm = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"
@@ -870,6 +870,7 @@ def _execute_one(chapter: Chapter, executed: Path, parameters: Mapping[str, Any]
         else:
             os.environ["TQDM_DISABLE"] = previous_tqdm
     hide_injected_parameters(executed)
+    drop_progress_outputs(executed)
 
 
 def _first_line(error: BaseException) -> str:
@@ -933,6 +934,40 @@ def hide_injected_parameters(path: str | Path) -> int:
     if count:
         nbformat.write(notebook, path)
     return count
+
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_progress_outputs(path: str | Path) -> int:
+    """Remove progress-bar outputs from an executed notebook, in place; return how many were removed.
+
+    A static page cannot run widgets, so a tqdm widget shows only its first frame ("0%"),
+    and a text progress bar on stderr is a trail of carriage returns. Both are removed.
+    """
+    import re
+
+    import nbformat
+
+    text_bar = re.compile(r"\d+%\|")
+    notebook = nbformat.read(path, as_version=4)
+    removed = 0
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.get("outputs", []):
+            is_widget = WIDGET_MIME in output.get("data", {})
+            is_text_bar = (output.get("output_type") == "stream" and output.get("name") == "stderr"
+                           and text_bar.search(output.get("text", "")) is not None)
+            if is_widget or is_text_bar:
+                removed += 1
+            else:
+                kept.append(output)
+        cell.outputs = kept
+    if removed:
+        nbformat.write(notebook, path)
+    return removed
 
 
 def student_copy(notebook):

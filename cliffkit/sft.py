@@ -48,8 +48,8 @@ class SFTExample:
     """One training pair: a prompt and the text the model should write after it.
 
     `prompt` is user text that `train_lora` renders through the model's family with
-    `render_prompt`, exactly as generation renders it; with `rendered=True` it is the
-    final prompt text and is tokenized as it is. `target` is the assistant text that
+    `render_prompt`, exactly as generation renders it. With `rendered=True` it is the
+    final prompt text, tokenized as it is. `target` is the assistant text that
     follows the rendered prompt, including the end-of-turn token if the model should
     learn to stop.
     """
@@ -571,12 +571,12 @@ def _reuse_finished_adapter(run_path: Path | None, peft_model: Any, identity: di
         return None
     if {key: record.get(key) for key in identity} != identity:
         raise ValueError(
-            f"{str(run_path / 'adapter')!r} holds an adapter from other settings, data or base model. "
+            f"{str(run_path / 'adapter')!r} contains an adapter from other settings, data or base model. "
             "Delete it (and the checkpoint folder next to it) to retrain, or use another run folder."
         )
     set_peft_model_state_dict(peft_model, load_file(str(run_path / "adapter" / "adapter_model.safetensors")))
     peft_model.eval()
-    logger.info("%s already holds the finished adapter; skipping training", run_path / "adapter")
+    logger.info("%s already contains the finished adapter, so training is skipped", run_path / "adapter")
     result.losses = [float(loss) for loss in record["losses"]]
     result.adapter_dir = run_path / "adapter"
     result.resumed_from = result.total_steps

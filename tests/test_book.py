@@ -380,3 +380,25 @@ def test_seed_base_evaluation_copies_matching_traces(tmp_path):
 
     longer = book.evaluation_config(book.BookSettings(**{**settings.__dict__, "think_budget": 5}), lm, 2)
     assert book.seed_base_evaluation(settings, longer, tmp_path / "eval" / "other") == 0
+
+
+def test_drop_progress_outputs_keeps_results(tmp_path):
+    from nbformat.v4 import new_output
+
+    cell = _cell("code", "run()")
+    cell.outputs = [
+        new_output("display_data", data={book.WIDGET_MIME: {"model_id": "x"}, "text/plain": "traces:   0%|  | 0/64"}),
+        new_output("stream", name="stderr", text="\rscoring:  50%|#####     | 1/2\rscoring: 100%|##########| 2/2\n"),
+        new_output("stream", name="stderr", text="WARNING only 5 refused traces\n"),
+        new_output("stream", name="stdout", text="64 judged traces in 3 s\n"),
+        new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}),
+    ]
+    path = _write(tmp_path / "00_x.ipynb", [cell])
+
+    assert book.drop_progress_outputs(path) == 2
+
+    kept = nbformat.read(path, as_version=4).cells[0].outputs
+    assert [output.get("text", "") for output in kept[:2]] == ["WARNING only 5 refused traces\n",
+                                                               "64 judged traces in 3 s\n"]
+    assert "image/png" in kept[2]["data"]
+    assert book.drop_progress_outputs(path) == 0
