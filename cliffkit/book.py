@@ -81,9 +81,10 @@ class BookSettings:
         return GenerationSettings(**values)
 
     def path(self, *parts: str) -> Path:
-        """Return a path inside the run folder, creating the folder."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        return self.run_dir.joinpath(*parts)
+        """Return a path inside the run folder, creating the folders above it."""
+        target = self.run_dir.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
 
 
 def settings_for(profile: str = "ci", *, model: str | None = None, run_dir: str | Path = "runs/book",

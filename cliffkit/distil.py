@@ -65,6 +65,8 @@ PLAN_SHOT = (
     "splash of milk.",
 )
 ARITHMETIC_ANSWER = "The answer is {answer}."
+# Every plan starts with these words, so the thinker learns one fixed way into a plan.
+PLAN_PREFIX = "The user"
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class DistilConfig:
     correct one is kept. Token limits apply to the generated thinking and answer.
     """
 
-    examples: int = 128
+    examples: int = 192
     arithmetic_share: float = 0.5
     samples_per_problem: int = 2
     temperature: float = 0.7
@@ -134,12 +136,13 @@ class Completion:
 
 def complete_chat(lm: LoadedModel, user_texts: Sequence[str], *, max_new_tokens: int, temperature: float,
                   top_p: float = 1.0, seed: int = 0, systems: Sequence[str | None] | None = None,
-                  shots: Sequence[tuple[str, str]] = ()) -> list[Completion]:
+                  shots: Sequence[tuple[str, str]] = (), prefix: str = "") -> list[Completion]:
     """Generate one plain chat reply per user text, with no think block (batched, left padded).
 
     `systems` gives a system prompt per text (None: the template's default), and `shots`
-    are (user, assistant) turns put before every text. A temperature of 0 means greedy
-    decoding; otherwise sampling is seeded with `seed`.
+    are (user, assistant) turns put before every text. Each reply starts with `prefix`,
+    which is written into the prompt and included in the returned text and token count.
+    A temperature of 0 means greedy decoding; otherwise sampling is seeded with `seed`.
     """
     systems = list(systems) if systems is not None else [None] * len(user_texts)
     earlier_turns = [{"role": role, "content": content} for shot in shots
@@ -149,7 +152,7 @@ def complete_chat(lm: LoadedModel, user_texts: Sequence[str], *, max_new_tokens:
         messages = ([{"role": "system", "content": system}] if system else []) + earlier_turns
         messages.append({"role": "user", "content": text})
         rendered = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs.append(encode_prompt_text(lm.tokenizer, rendered))
+        inputs.append(encode_prompt_text(lm.tokenizer, rendered + prefix))
 
     batch = lm.tokenizer.pad({"input_ids": inputs}, padding=True, return_tensors="pt").to(lm.device)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id)
@@ -161,15 +164,18 @@ def complete_chat(lm: LoadedModel, user_texts: Sequence[str], *, max_new_tokens:
     torch.manual_seed(seed)
     with torch.no_grad():
         output = lm.model.generate(**batch, **kwargs)
-    return [_to_completion(lm, row) for row in output[:, batch["input_ids"].shape[1]:].tolist()]
+    prefix_ids = lm.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    return [_to_completion(lm, prefix_ids + row, len(prefix_ids))
+            for row in output[:, batch["input_ids"].shape[1]:].tolist()]
 
 
-def _to_completion(lm: LoadedModel, row: list[int]) -> Completion:
+def _to_completion(lm: LoadedModel, row: list[int], skip: int = 0) -> Completion:
+    """Cut `row` at the first end-of-turn or pad token; the first `skip` ids (a prefix) are never cut."""
     ends = {lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id}
     eos = lm.model.generation_config.eos_token_id
     ends.update(eos if isinstance(eos, list) else [eos])
-    for position, token in enumerate(row):
-        if token in ends:
+    for position in range(skip, len(row)):
+        if row[position] in ends:
             return Completion(text=lm.tokenizer.decode(row[:position]).strip(), tokens=position, finished=True)
     return Completion(text=lm.tokenizer.decode(row).strip(), tokens=len(row), finished=False)
 
@@ -356,7 +362,8 @@ def _build_benign(lm: LoadedModel, prompts: Sequence[Prompt], kept: _JsonlStore,
     for index, batch in _pending_batches(prompts, done, kept, config.benign_quota, config.batch_size):
         plans = complete_chat(lm, [PLAN_INSTRUCTION.format(request=prompt.text) for prompt in batch],
                               max_new_tokens=config.max_thinking_tokens + 8, temperature=config.temperature,
-                              top_p=config.top_p, seed=_batch_seed(config.seed, "plan", index), shots=[PLAN_SHOT])
+                              top_p=config.top_p, seed=_batch_seed(config.seed, "plan", index), shots=[PLAN_SHOT],
+                              prefix=PLAN_PREFIX)
         answers = complete_chat(lm, [prompt.text for prompt in batch],
                                 systems=[ANSWER_SYSTEM.format(plan=plan.text) for plan in plans],
                                 max_new_tokens=config.max_answer_tokens, temperature=config.temperature,
@@ -414,10 +421,11 @@ def write_training_file(path: str | Path, examples: Sequence[ThinkingExample]) -
 
 
 def default_sft_config(n_layers: int, seed: int = 0) -> SFTConfig:
-    """Return the training settings of the shipped adapter: rank 16 on the attention projections of the upper half."""
-    return SFTConfig(rank=16, alpha=32.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    """Return the training settings of the shipped adapter: rank 8 on the attention and MLP projections of the upper half."""
+    return SFTConfig(rank=8, alpha=16.0,
+                     target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                      layers=tuple(range(n_layers // 2, n_layers)), learning_rate=3e-4, warmup_steps=3,
-                     epochs=2, batch_size=1, grad_accum=8, max_length=384, seed=seed, checkpoint_every=5)
+                     epochs=3, batch_size=1, grad_accum=8, max_length=384, seed=seed, checkpoint_every=5)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -569,7 +577,7 @@ def evaluate_before_after(eval_dir: str | Path, adapter_dir: str | Path, seed: i
     }
 
 
-def run_distillation(run_dir: str | Path, out: str | Path, *, seed: int = 0, examples: int = 128,
+def run_distillation(run_dir: str | Path, out: str | Path, *, seed: int = 0, examples: int = 192,
                      evaluate: bool = True, train_dtype: str = "bfloat16", progress: bool = True) -> dict[str, Any]:
     """Build the thinking data, train the adapter, evaluate it and write the shipped adapter folder.
 
@@ -631,7 +639,7 @@ def ship_adapter(adapter_dir: str | Path, out: str | Path, record: dict[str, Any
     staged = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if staged.exists():
         shutil.rmtree(staged)
-    shutil.copytree(adapter_dir, staged, ignore=shutil.ignore_patterns(ADAPTER_MARKER))
+    shutil.copytree(adapter_dir, staged, ignore=shutil.ignore_patterns(ADAPTER_MARKER, "README.md"))
     (staged / "training.json").write_text(json.dumps(_without_marker(record), indent=2, sort_keys=True) + "\n")
     (staged / "data_sha256.txt").write_text(f"{record['data']['sha256']}  train.jsonl\n")
     (staged / "PROVENANCE.md").write_text(provenance_text(record))

@@ -1,8 +1,9 @@
-"""Model families: how each kind of model thinks and where its attention heads live.
+"""Model families: how each kind of model thinks.
 
-A family bundles the think markers, how a prompt opens the think block, and the
-module paths that head attribution needs. Adding a model family means adding one
-`Family` entry to `FAMILIES`.
+A family bundles the think markers and how a prompt opens the think block. Where
+the attention heads live depends on the architecture, not the family, and is in
+`cliffkit.heads.layout`. Adding a model family means adding one `Family` entry
+to `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -28,22 +29,8 @@ SCAFFOLD_SYSTEM_PROMPT = (
 
 
 @dataclass(frozen=True)
-class HeadLayout:
-    """Where a decoder layer's attention output projection lives.
-
-    `layers_path` is the dotted attribute path from the loaded model to the list of
-    decoder layers, and `o_proj_path` the path from one layer to the output
-    projection whose input is the concatenation of the per-head outputs.
-    """
-
-    layers_path: str = "model.layers"
-    o_proj_path: str = "self_attn.o_proj"
-    final_norm_path: str = "model.norm"
-
-
-@dataclass(frozen=True)
 class Family:
-    """One model family's reasoning format and module layout."""
+    """One model family's reasoning format."""
 
     name: str
     think_open: str = "<think>"
@@ -59,7 +46,6 @@ class Family:
     id_patterns: tuple[str, ...] = ()
     # `config.model_type` values that fall back to this family when no id pattern matches.
     model_types: tuple[str, ...] = ()
-    heads: HeadLayout = field(default_factory=HeadLayout)
     # Text put between the closing marker and the answer when the budget closes
     # the thinking (budget forcing).
     forced_close: str = "\n</think>\n\n"

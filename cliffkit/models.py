@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 # The embedded base with the distilled think-format LoRA adapter merged in; the plain
 # instruct model stays available as the "before" model of the distillation.
 EMBEDDED_THINKER = "cliffkit/qwen2.5-coder-0.5b-think"
-DEFAULT_MODEL = EMBEDDED_INSTRUCT
+DEFAULT_MODEL = EMBEDDED_THINKER
 # Embedded name -> family. Every embedded name loads the same converted base folder.
 EMBEDDED_MODELS = {EMBEDDED_INSTRUCT: "scaffold", EMBEDDED_THINKER: "cliffkit-thinker"}
 # Embedded name -> adapter folder under cliffkit/adapters/, merged into the base at load time.

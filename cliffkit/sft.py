@@ -329,6 +329,8 @@ def save_adapter(peft_model: Any, folder: str | Path, *, base_model_id: str, bas
     _set_base_name(peft_model, base_model_id)
     # No embedding layer is adapted; "auto" would look the base id up on the Hub.
     peft_model.save_pretrained(str(staged), save_embedding_layers=False)
+    # PEFT's model card is an empty template naming the local base folder; the record below replaces it.
+    (staged / "README.md").unlink(missing_ok=True)
     for name, text in (extra_files or {}).items():
         (staged / name).write_text(text, encoding="utf-8")
     record = {"base_model_id": base_model_id, "base_fingerprint": base_fingerprint, **(metadata or {})}

@@ -402,3 +402,11 @@ def test_drop_progress_outputs_keeps_results(tmp_path):
                                                                "64 judged traces in 3 s\n"]
     assert "image/png" in kept[2]["data"]
     assert book.drop_progress_outputs(path) == 0
+
+
+def test_settings_path_creates_parent_folders(tmp_path):
+    settings = book.settings_for("ci", run_dir=tmp_path / "run")
+    target = settings.path("heads", "direction")
+    assert target == tmp_path / "run" / "heads" / "direction"
+    assert target.parent.is_dir()
+    assert not target.exists()

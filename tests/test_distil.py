@@ -45,7 +45,8 @@ class FakeChat:
         self.calls: list[list[str]] = []
         self.attempts: dict[str, int] = {}
 
-    def __call__(self, lm, user_texts, *, max_new_tokens, temperature, top_p=1.0, seed=0, systems=None, shots=()):
+    def __call__(self, lm, user_texts, *, max_new_tokens, temperature, top_p=1.0, seed=0, systems=None, shots=(),
+                 prefix=""):
         self.calls.append(list(user_texts))
         outputs = []
         for text in user_texts:
@@ -58,7 +59,7 @@ class FakeChat:
                 value = gold if self.solvable(problem, round_index) else gold + 1
                 outputs.append(_done(f"Step one. Step two.\nFinal answer: {value}"))
             elif text.startswith("Here is a request"):
-                outputs.append(_done("I will explain the main steps briefly."))
+                outputs.append(_done(f"{prefix} wants a short answer. I will explain the main steps briefly."))
             else:
                 outputs.append(_done(f"Here is a short answer to: {text}"))
         return outputs
@@ -151,7 +152,7 @@ def test_builder_benign_plan_then_answer(tmp_path, monkeypatch):
     assert all(text.startswith("Here is a request") for text in fake.calls[0])
     for example in chosen:
         assert example.source == "benign"
-        assert example.thinking == "I will explain the main steps briefly."
+        assert example.thinking == "The user wants a short answer. I will explain the main steps briefly."
         assert example.answer == f"Here is a short answer to: {example.prompt}"
 
 
@@ -186,6 +187,18 @@ def test_quota_above_split_size_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="Lower --examples"):
         build_thinking_data(tiny_model("cliffkit-thinker"), tmp_path / "t.jsonl", DistilConfig(examples=2000),
                             progress=False)
+
+
+def test_complete_chat_prefix_starts_reply():
+    lm = tiny_model("cliffkit-thinker")
+    prefix_tokens = len(lm.tokenizer("The user", add_special_tokens=False)["input_ids"])
+    plain = distil.complete_chat(lm, ["Say hello."], max_new_tokens=5, temperature=0.0)[0]
+    prefixed = distil.complete_chat(lm, ["Say hello."], max_new_tokens=5, temperature=0.0, prefix="The user")[0]
+
+    assert prefixed.text.startswith("The user")
+    assert prefixed.tokens <= 5 + prefix_tokens
+    assert prefixed.tokens >= prefix_tokens
+    assert not plain.text.startswith("The user")
 
 
 def test_complete_chat_is_seeded():
@@ -291,6 +304,7 @@ def test_pipeline_builds_trains_and_ships(tmp_path, monkeypatch):
     assert read_marker(out) is not None
     assert {"adapter_model.safetensors", "adapter_config.json", "training.json", "data_sha256.txt",
             "PROVENANCE.md"} <= {path.name for path in out.iterdir()}
+    assert not (out / "README.md").exists()  # PEFT's card template names a local folder
     assert record["data"]["sha256"] == hashlib.sha256((tmp_path / "run" / "train.jsonl").read_bytes()).hexdigest()
     assert record["data"]["sha256"] in (out / "data_sha256.txt").read_text()
     assert record["data"]["by_source"] == {"arithmetic": 2, "benign": 2}

@@ -171,3 +171,7 @@ def test_sweep_resumes_after_finished_settings(monkeypatch, tmp_path):
     second = run_sweep(lm, settings, prompts, probe, generation, tmp_path, progress=False)
     assert generated == ["random-2-seed0.jsonl"]
     assert second["name"].tolist() == ["none", "top-2", "random-2-seed0"]
+
+    longer = GenerationSettings(think_budget=5, answer_budget=2, batch_size=2)
+    with pytest.raises(ValueError, match="generation"):
+        run_sweep(lm, settings, prompts, probe, longer, tmp_path, progress=False)

@@ -288,6 +288,7 @@ def test_adapter_records_portable_base_id(tmp_path):
     config = (result.adapter_dir / "adapter_config.json").read_text()
     assert '"base_model_name_or_path": "tiny/cliffkit-thinker"' in config
     assert read_marker(result.adapter_dir)["base_model_id"] == "tiny/cliffkit-thinker"
+    assert not (result.adapter_dir / "README.md").exists()
 
 
 def test_adapter_on_other_base_is_rejected(tmp_path):

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distil-thinker", help="rebuild the thinker adapter: thinking data, LoRA SFT, evaluation.",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: cliffkit distil-thinker --run-dir runs/thinker --out cliffkit/adapters/thinker "
-               "--seed 0 --examples 128",
+               "--seed 0 --examples 192",
     )
     parser.add_argument("--run-dir", default="runs/thinker",
                         help="run folder for data, checkpoints, traces and timings (default: runs/thinker).")
@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder to write the finished adapter to (default: the adapter folder "
                              "inside the installed package, cliffkit/adapters/thinker).")
     parser.add_argument("--seed", type=int, default=0, help="seed of data sampling and training (default: 0).")
-    parser.add_argument("--examples", type=int, default=128,
-                        help="training examples, half arithmetic and half benign (default: 128).")
+    parser.add_argument("--examples", type=int, default=192,
+                        help="training examples, half arithmetic and half benign (default: 192).")
     parser.add_argument("--train-dtype", default="bfloat16",
                         help="dtype of the frozen base weights during data generation and training; "
                              "LoRA weights stay float32 (default: bfloat16).")

@@ -54,8 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ablate", help="ablate the top suppression heads and random heads; measure refusal, ASR and probe scores.")
     add_model_options(ablate)
     add_generation_options(ablate)
-    ablate.add_argument("--run-dir", required=True, help="run folder holding heads/ from `cliffkit heads`; "
-                                                         "results go to <run-dir>/ablation/.")
+    ablate.add_argument("--run-dir", required=True, help="run folder holding heads/ from `cliffkit heads`.")
+    ablate.add_argument("--out-dir", default=None,
+                        help="folder for the sweep's traces, results and plots (default: <run-dir>/ablation); "
+                             "give each ranking its own folder, since a rerun resumes the settings found there.")
     ablate.add_argument("--rank-by", default="attribution",
                         help="head-table column that picks the top heads (default: attribution).")
     ablate.add_argument("--fractions", default="0.005,0.01,0.03,0.05,0.1",
@@ -71,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ablate.add_argument("--positions", default="all",
                         help="'all' ablates every position; an integer k ablates the last k positions of "
                              "each forward call (default: all).")
+    ablate.add_argument("--reference-limit", type=int, default=None,
+                        help="harmful traces of the heads run whose probe score is read under every setting "
+                             "(default: all of them).")
     ablate.add_argument("--trajectory-fraction", type=float, default=0.03,
                         help="share of heads ablated in the trajectory plot (default: 0.03).")
     ablate.set_defaults(handler=cmd_ablate)
@@ -295,8 +300,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                               [int(seed) for seed in split_list(args.seeds) or []])
 
     prompts = _eval_prompts(args)
-    reference = [trace for trace in read_traces(direction.meta["traces"]) if trace.harmful]
-    out_dir = Path(args.run_dir) / "ablation"
+    reference = [trace for trace in read_traces(direction.meta["traces"]) if trace.harmful][: args.reference_limit]
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "ablation"
     probe = SweepProbe(direction.vector, direction.intercept, direction.layer)
     results = run_sweep(lm, settings, prompts, probe, settings_from_args(args), out_dir,
                         reference=trace_token_ids(lm, reference), positions=positions)

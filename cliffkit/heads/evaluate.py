@@ -9,6 +9,7 @@ as soon as it finishes, so an interrupted sweep resumes with the next setting
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -101,6 +102,12 @@ def run_sweep(lm: LoadedModel, settings: Sequence[SweepSetting], prompts: Sequen
     """
     out_dir = Path(out_dir)
     (out_dir / "traces").mkdir(parents=True, exist_ok=True)
+    _check_sweep_config(out_dir, {
+        "generation": asdict(generation), "positions": positions, "layer": probe.layer,
+        "intercept": probe.intercept, "direction_sha256": _sha256(probe.direction.float().cpu().numpy().tobytes()),
+        "prompt_ids": [prompt.id for prompt in prompts], "reference_sha256": _sha256(
+            json.dumps([sequence.tolist() for sequence in reference]).encode()),
+    })
     done = _finished_settings(out_dir / RESULTS_FILE)
 
     for setting in settings:
@@ -165,6 +172,31 @@ def _thinking_refusal_rate(harmful: Sequence[Trace], judge: Judge | None) -> flo
     verdicts = judge.judge([trace.prompt for trace in harmful], [trace.thinking for trace in harmful])
     labelled = [verdict.refused for verdict in verdicts if verdict.refused is not None]
     return sum(labelled) / len(labelled) if labelled else float("nan")
+
+
+CONFIG_FILE = "sweep.json"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_sweep_config(out_dir: Path, config: dict[str, Any]) -> None:
+    """Record the sweep's inputs on the first run; on a resume, raise ValueError if they changed.
+
+    Resuming skips the prompts and settings already written, so a changed budget,
+    probe or prompt list would silently mix two sweeps in one folder.
+    """
+    path = out_dir / CONFIG_FILE
+    config = json.loads(json.dumps(config))  # tuples become lists, as they read back from disk
+    if not path.exists():
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(key for key in set(config) | set(previous) if config.get(key) != previous.get(key))
+    if changed:
+        raise ValueError(f"{out_dir} contains a sweep with other inputs (changed: {', '.join(changed)}). "
+                         "Use another output folder, or delete this one to start over.")
 
 
 def _finished_settings(path: Path) -> set[str]:

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display is needed
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -29,6 +30,8 @@ def plot_head_heatmap(values: Mapping[str, torch.Tensor | np.ndarray], path: str
         limit = np.nanmax(np.abs(grid)) or 1.0
         image = axis.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
         axis.set_title(name)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
         fig.colorbar(image, ax=axis, shrink=0.8)
