@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from cliffkit.heads.layout import get_layout
 from cliffkit.models import LoadedModel
 from cliffkit.render import TraceTokens, tokenize_trace
 from cliffkit.traces import Trace
@@ -102,9 +103,14 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 # --------------------------------------------------------------------------- hooks
 
+def _layers_path(lm: LoadedModel) -> str:
+    """Return the dotted path to the decoder blocks, from the head layout of the model's architecture."""
+    return get_layout(lm.model.config.get_text_config().model_type).layers_path
+
+
 def decoder_layers(lm: LoadedModel) -> torch.nn.ModuleList:
-    """Return the model's list of decoder blocks, found through the family's head layout."""
-    return _resolve(lm.model, lm.family.heads.layers_path)
+    """Return the model's list of decoder blocks, found through the architecture's head layout."""
+    return _resolve(lm.model, _layers_path(lm))
 
 
 def num_layers(lm: LoadedModel) -> int:
@@ -116,7 +122,8 @@ def _resolve(root: torch.nn.Module, dotted: str):
     for name in dotted.split("."):
         if not hasattr(module, name):
             raise ValueError(f"{type(root).__name__} has no module at {dotted!r} (missing {name!r}). "
-                             "Set the family's HeadLayout.layers_path to where its decoder layers live.")
+                             "Register a HeadLayout whose layers_path names where its decoder layers live "
+                             "(cliffkit.heads.register_layout).")
         module = getattr(module, name)
     return module
 
@@ -124,7 +131,7 @@ def _resolve(root: torch.nn.Module, dotted: str):
 def _decoder_body(lm: LoadedModel) -> torch.nn.Module:
     # The module that owns the layer list runs embeddings and blocks without the LM
     # head, so the (seq x vocab) logits are never computed.
-    parent_path = lm.family.heads.layers_path.rpartition(".")[0]
+    parent_path = _layers_path(lm).rpartition(".")[0]
     return _resolve(lm.model, parent_path) if parent_path else lm.model
 
 

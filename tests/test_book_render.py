@@ -5,9 +5,10 @@ page, which writes the natural size of every image and the page's links into the
 --dump-dom then returns them. Chromium resolves no host name other than 127.0.0.1, so a page
 that refers to a CDN sends nothing off this machine.
 
-Skips when the site has not been built (`bash scripts/book.sh` builds it into _build/html; set
+Skips when the site has not been built (`bash scripts/main.sh` builds it into _build/html; set
 $CLIFFKIT_BOOK_HTML for another folder) or when no Chromium is installed (Debian: `apt-get install
-chromium`). Run this file as a script to take screenshots of two chapter pages:
+chromium`). With CLIFFKIT_REQUIRE_BOOK=1, as in CI, a missing site or browser fails the tests
+instead. Run this file as a script to take screenshots of two chapter pages:
 `python tests/test_book_render.py book/_static/screenshots`.
 """
 
@@ -162,24 +163,31 @@ def chapter_pages() -> list[Path]:
 
 def _skip_reason() -> str | None:
     if not (HTML_DIR / "index.html").exists():
-        return f"the book is not built in {HTML_DIR}; run `bash scripts/book.sh` (or set CLIFFKIT_BOOK_HTML)"
+        return f"the book is not built in {HTML_DIR}; run `bash scripts/main.sh` (or set CLIFFKIT_BOOK_HTML)"
     if find_chromium() is None:
         return "no Chromium found; install Debian's chromium package to run this test"
     return None
+
+
+def _skip_or_fail(reason: str) -> None:
+    """Skip the test, or fail it where $CLIFFKIT_REQUIRE_BOOK=1 (CI builds the book first)."""
+    if os.environ.get("CLIFFKIT_REQUIRE_BOOK") == "1":
+        pytest.fail(f"CLIFFKIT_REQUIRE_BOOK=1, but {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[tuple[str, str]]:
     reason = _skip_reason()
     if reason:
-        pytest.skip(reason)
+        _skip_or_fail(reason)
     with serve(HTML_DIR) as base_url:
         yield find_chromium(), base_url
 
 
 def test_every_chapter_has_a_page():
     if not (HTML_DIR / "index.html").exists():
-        pytest.skip(f"the book is not built in {HTML_DIR}; run `bash scripts/book.sh`")
+        _skip_or_fail(f"the book is not built in {HTML_DIR}; run `bash scripts/main.sh`")
     chapters = sorted(path.stem for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert [page.stem for page in chapter_pages()] == chapters
 
@@ -187,7 +195,7 @@ def test_every_chapter_has_a_page():
 @pytest.mark.parametrize("page", chapter_pages() or [None], ids=lambda page: page.stem if page else "no-site")
 def test_chapter_page_renders_figures_and_launch_buttons(site, page):
     if page is None:
-        pytest.skip(f"no chapter pages in {HTML_DIR / 'notebooks'}")
+        _skip_or_fail(f"no chapter pages in {HTML_DIR / 'notebooks'}")
     chromium, base_url = site
     report = page_report(chromium, f"{base_url}/notebooks/{page.name}")
 
@@ -206,7 +214,7 @@ def test_chapter_page_renders_figures_and_launch_buttons(site, page):
 def test_injected_parameters_hidden(site):
     pages = chapter_pages()
     if not pages:
-        pytest.skip("no chapter pages")
+        _skip_or_fail("no chapter pages")
     text = pages[0].read_text(encoding="utf-8")
     assert "injected-parameters" not in text, "papermill's injected-parameters cell reached the page"
 
