@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from cliffkit.embedded import EMBEDDED_INSTRUCT, ensure_embedded_model
 from cliffkit.families import Family, detect_family, get_family
+from cliffkit.merged import ensure_merged_model
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def load_model(
 
     Args:
         model_id: a Hugging Face id, a local folder, or an embedded name such as
-            "cliffkit/qwen2.5-coder-0.5b-instruct" (the default).
+            "cliffkit/qwen2.5-coder-0.5b-think" (the default).
         family: a family name from `cliffkit.families.FAMILIES`; detected from the id
             and config when None.
         dtype: "auto", "float32", "bfloat16" or "float16", or a torch dtype.
@@ -141,7 +142,7 @@ def load_model(
     Example:
         >>> lm = load_model()                      # doctest: +SKIP
         >>> lm.family.name                         # doctest: +SKIP
-        'scaffold'
+        'cliffkit-thinker'
     """
     source = resolve_source(model_id)
     device = resolve_device(device)
@@ -158,17 +159,14 @@ def load_model(
     placement = _placement_kwargs(device_map, max_memory)
     logger.info("Loading %s (%s, family %s) on %s", model_id, torch_dtype, resolved_family.name,
                 device_map or device)
-    # An adapter is merged into float32 weights, so the sum is rounded to the compute
-    # dtype once, not added to weights that were already rounded.
-    merge_in_float32 = model_id in EMBEDDED_ADAPTERS and device_map is None
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32 if merge_in_float32 else torch_dtype,
-        trust_remote_code=trust_remote_code, **placement,
-    )
-    if model_id in EMBEDDED_ADAPTERS:
-        model = _merge_embedded_adapter(model, tokenizer, resolved_family, model_id)
-    if merge_in_float32:
-        model = model.to(torch_dtype)
+    if model_id in EMBEDDED_ADAPTERS and device_map is None:
+        model = _load_embedded_merged(model_id, source, tokenizer, resolved_family, torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **placement,
+        )
+        if model_id in EMBEDDED_ADAPTERS:
+            model = _merge_embedded_adapter(model, tokenizer, resolved_family, model_id)
     if device_map is None:
         model.to(device)
     else:
@@ -182,9 +180,27 @@ def embedded_adapter_path(model_id: str) -> Path:
     return Path(str(resources.files("cliffkit"))) / "adapters" / EMBEDDED_ADAPTERS[model_id]
 
 
-def _merge_embedded_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: Family,
-                            model_id: str) -> PreTrainedModel:
-    from cliffkit.sft import load_adapter, read_marker
+def _load_embedded_merged(model_id: str, source: str, tokenizer: PreTrainedTokenizerBase, family: Family,
+                          dtype: torch.dtype) -> PreTrainedModel:
+    """Return the embedded base with its shipped adapter merged, in `dtype`.
+
+    The adapter is merged into float32 weights, so the sum is rounded to `dtype` once,
+    not added to weights that were already rounded. A 16-bit result is cached on disk
+    (`cliffkit.merged`), so only the first load pays the float32 peak.
+    """
+    def build() -> PreTrainedModel:
+        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        return _merge_embedded_adapter(base, tokenizer, family, model_id).to(dtype)
+
+    if dtype == torch.float32:
+        return build()
+    folder = ensure_merged_model(model_id, _shipped_adapter(model_id), dtype, build)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+
+
+def _shipped_adapter(model_id: str) -> Path:
+    """Return the adapter folder of an embedded name, or raise FileNotFoundError with the fix."""
+    from cliffkit.sft import read_marker
 
     folder = embedded_adapter_path(model_id)
     if read_marker(folder) is None:
@@ -192,6 +208,14 @@ def _merge_embedded_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
             f"The adapter of {model_id!r} is missing from {folder}. Reinstall cliffkit, or rebuild it with "
             f"`cliffkit distil-thinker --out {folder}`; {EMBEDDED_INSTRUCT!r} loads without it."
         )
+    return folder
+
+
+def _merge_embedded_adapter(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, family: Family,
+                            model_id: str) -> PreTrainedModel:
+    from cliffkit.sft import load_adapter
+
+    folder = _shipped_adapter(model_id)
     base = LoadedModel(model=model, tokenizer=tokenizer, family=family, model_id=EMBEDDED_INSTRUCT)
     return load_adapter(base, folder, merge=True, model_id=model_id).model
 
