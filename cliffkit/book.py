@@ -491,11 +491,12 @@ def ensure_pool(settings: BookSettings, lm, per_source: int | None = None):
     RuntimeError when the model refused none of the prompts with a think block it
     closed itself, because an empty pool leaves nothing to select.
     """
-    from cliffkit.pool import build_pool, training_prompts
+    from cliffkit.pool import build_pool, default_prefill, training_prompts
 
     count = pool_per_source(settings) if per_source is None else per_source
     prompts = training_prompts(HARMFUL_SOURCES, per_source=count, seed=settings.seed)
-    built = build_pool(lm, prompts, settings.path(POOL_DIR), settings.generation(lm))
+    built = build_pool(lm, prompts, settings.path(POOL_DIR), settings.generation(lm),
+                       prefill=default_prefill(lm.family))
     if not built.examples:
         raise RuntimeError(
             f"The safety pool is empty: of {len(prompts)} prompts, {built.counts}. The pool keeps only refusals "

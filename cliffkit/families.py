@@ -49,6 +49,9 @@ class Family:
     # Text put between the closing marker and the answer when the budget closes
     # the thinking (budget forcing).
     forced_close: str = "\n</think>\n\n"
+    # False for a model that ignores a safety system prompt, so that its safe responses
+    # for a repair pool must start from a written opening (`cliffkit.pool.ResponsePrefill`).
+    follows_system_prompt: bool = True
     description: str = ""
 
     @property
@@ -115,6 +118,9 @@ FAMILIES: dict[str, Family] = {
             id_patterns=("cliffkit/qwen2.5-coder-0.5b-think",),
             # No default_system: the Qwen2.5 chat template then writes its own default
             # system line, in the distillation data as at inference.
+            # Distilled without system prompts, it refused 4 of 48 harmful train prompts under
+            # the safety system prompt in the ci book run, so its pool is prefilled.
+            follows_system_prompt=False,
             description="The embedded Qwen2.5-Coder-0.5B-Instruct with the distilled think-format "
             "LoRA adapter merged in; the prompt is prefilled with <think>.",
         ),

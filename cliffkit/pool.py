@@ -219,6 +219,17 @@ class ResponsePrefill:
     answer: str = "I'm sorry, but I can't help with that"
 
 
+def default_prefill(family: Family) -> ResponsePrefill | None:
+    """Return the prefill a pool of `family` needs by default, or None to generate freely.
+
+    The prompted scaffold and models that ignore a safety system prompt
+    (`Family.follows_system_prompt`) need one; native reasoners that follow it do not.
+    """
+    if family.is_native_reasoner and family.follows_system_prompt:
+        return None
+    return ResponsePrefill()
+
+
 def generate_prefilled(
     lm: LoadedModel,
     prompts: Sequence[Any],

@@ -53,8 +53,9 @@ PROBE_SCRIPT = """
 window.addEventListener("load", function () {
   var article = document.querySelector("article") || document.body;
   var images = Array.from(article.querySelectorAll("img")).map(function (img) {
+    var box = img.getBoundingClientRect();
     return {src: img.getAttribute("src"), width: img.naturalWidth, height: img.naturalHeight,
-            complete: img.complete};
+            complete: img.complete, bottom: Math.ceil(box.bottom + window.scrollY)};
   });
   var links = Array.from(document.querySelectorAll("a[href]")).map(function (a) { return a.href; });
   var report = document.createElement("pre");
@@ -131,9 +132,13 @@ def run_chromium(chromium: str, arguments: list[str], timeout: float = 120.0) ->
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def page_report(chromium: str, url: str) -> dict:
-    """Load `url` with the probe script and return its report: title, images with natural sizes, links."""
-    result = run_chromium(chromium, ["--virtual-time-budget=20000", "--dump-dom", f"{url}?{PROBE_QUERY}"])
+def page_report(chromium: str, url: str, width: int = 1400) -> dict:
+    """Load `url` with the probe script and return its report: title, images with natural sizes, links.
+
+    Each image also has `bottom`, its lower edge in page pixels for a window `width` pixels wide.
+    """
+    result = run_chromium(chromium, ["--virtual-time-budget=20000", f"--window-size={width},1600", "--dump-dom",
+                                     f"{url}?{PROBE_QUERY}"])
     # The theme's scripts add attributes such as tabindex to every <pre>.
     match = re.search(rf'<pre id="{REPORT_ID}"[^>]*>(.*?)</pre>', result.stdout, re.DOTALL)
     if not match:
@@ -142,13 +147,18 @@ def page_report(chromium: str, url: str) -> dict:
     return json.loads(html.unescape(match.group(1)))
 
 
-def screenshot(chromium: str, url: str, path: Path, width: int = 1400, height: int = 3600) -> Path:
-    """Save a PNG of the top `height` pixels of `url`, with the launch menu open.
+def screenshot(chromium: str, url: str, path: Path, width: int = 1400, max_height: int = 8000) -> Path:
+    """Save a PNG of the top of `url`, down to its first figure, with the launch menu open.
 
-    The window is tall so that the page header (launch buttons) and the first figures
-    are in one image.
+    Headless Chromium captures the window from the top of the page, so the window is
+    made as tall as the first figure's bottom edge (measured in a first load, at most
+    `max_height` pixels): the header with the launch buttons and that figure are in
+    one image.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    report = page_report(chromium, url, width=width)
+    figures = [image["bottom"] for image in report["images"] if "_images/" in (image["src"] or "")]
+    height = min(max_height, figures[0] + 40) if figures else 1600
     run_chromium(chromium, ["--virtual-time-budget=20000", f"--window-size={width},{height}",
                             f"--screenshot={path}", f"{url}?{OPEN_LAUNCH_QUERY}"])
     if not path.exists():
@@ -225,7 +235,7 @@ if __name__ == "__main__":
     reason = _skip_reason()
     if reason:
         sys.exit(f"Cannot take screenshots: {reason}.")
-    names = [name for name in ("01_probing", "02_refusal_cliff") if (HTML_DIR / "notebooks" / f"{name}.html").exists()]
+    names = [name for name in ("02_refusal_cliff", "03_head_attribution") if (HTML_DIR / "notebooks" / f"{name}.html").exists()]
     names = names or [page.stem for page in chapter_pages()[:2]]
     with serve(HTML_DIR) as base_url:
         for name in names:

@@ -219,3 +219,12 @@ def test_complete_sentences_cut():
     assert _complete_sentences("It is harmful. It could hurt people! And then") == "It is harmful. It could hurt people!"
     assert _complete_sentences("No sentence end here") == "No sentence end here"
     assert _complete_sentences("Version 2.5 is fine. Next") == "Version 2.5 is fine."
+
+
+def test_default_prefill_by_family():
+    from cliffkit.families import get_family
+    from cliffkit.pool import ResponsePrefill, default_prefill
+
+    assert default_prefill(get_family("deepseek-r1-distill-qwen")) is None
+    assert default_prefill(get_family("scaffold")) == ResponsePrefill()
+    assert default_prefill(get_family("cliffkit-thinker")) == ResponsePrefill()

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="build the pool from responses that continue fixed openings of the thinking "
                              "('This request could cause harm, because') and the answer ('I'm sorry, but I "
                              "can't help with that'): 'auto' does so for prompted instruct models (the scaffold "
-                             "family), which do not follow the safety prompt's format (default: auto).")
+                             "family) and for models that ignore the safety system prompt, such as the "
+                             "default thinker (default: auto).")
     select.add_argument("--probe", default=None,
                         help="refusal probe saved by cliffkit.probe (path of its .npz); without it only the "
                              "random, keyword-rule and full-pool selections are written.")
@@ -125,7 +126,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from cliffkit.models import load_model
-    from cliffkit.pool import ResponsePrefill, build_pool, read_pool, training_prompts
+    from cliffkit.pool import ResponsePrefill, build_pool, default_prefill, read_pool, training_prompts
     from cliffkit.probe import LinearProbe
     from cliffkit.select import (natural_traces, resolve_count, score_pool, select_full, select_random, select_rule,
                                  select_top, write_selection)
@@ -144,11 +145,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     else:
         prompts = training_prompts(split_list(args.sources) or [], per_source=args.per_source,
                                    categories=split_list(args.categories), seed=args.seed)
-        use_prefill = args.prefill == "on" or (args.prefill == "auto" and not lm.family.is_native_reasoner)
+        prefill = {"on": ResponsePrefill(), "off": None}.get(args.prefill, default_prefill(lm.family))
         pool_settings = replace(settings, think_budget=args.pool_think_budget or settings.think_budget,
                                 answer_budget=args.pool_answer_budget or settings.answer_budget)
         pool = build_pool(lm, prompts, run_dir / "pool", pool_settings,
-                          prefill=ResponsePrefill() if use_prefill else None).examples
+                          prefill=prefill).examples
         if not pool:
             raise RuntimeError(f"none of the model's responses to {len(prompts)} pool prompts is a usable refusal "
                                f"(see {run_dir / 'pool' / 'pool_summary.json'}), so the pool is empty. Raise "
