@@ -793,7 +793,8 @@ def execute_chapters(
 
     Executed copies go to `out_dir`, with the injected-parameters cell hidden from the
     book. A chapter is skipped when `out_dir/executed.json` records a successful run of
-    the same notebook with the same parameters, unless `force` is set. With `start`
+    the same notebook with the same parameters, unless `force` is set or an earlier
+    chapter ran in this call (a later chapter reads what it wrote). With `start`
     (a chapter number such as "03"), earlier chapters are not run at all.
 
     Raises `ChapterError`, naming the cell and the error, when a chapter fails or a cell
@@ -813,7 +814,8 @@ def execute_chapters(
     runs = []
     for chapter in chapters:
         executed = (out / chapter.path.name).resolve()
-        if not force and _is_done(manifest.get(chapter.name), chapter, parameters, executed):
+        earlier_ran = any(run.status == "executed" for run in runs)
+        if not force and not earlier_ran and _is_done(manifest.get(chapter.name), chapter, parameters, executed):
             report(f"{chapter.name}: already executed with these parameters, skipped")
             runs.append(ChapterRun(chapter, "skipped", 0.0, executed))
             continue

@@ -410,3 +410,21 @@ def test_settings_path_creates_parent_folders(tmp_path):
     assert target == tmp_path / "run" / "heads" / "direction"
     assert target.parent.is_dir()
     assert not target.exists()
+
+
+def test_rerun_of_early_chapter_reruns_later(tmp_path):
+    chapters, out = tmp_path / "chapters", tmp_path / "executed"
+    chapters.mkdir()
+    for name in ("00_first", "01_second", "02_third"):
+        _write(chapters / f"{name}.ipynb", [_cell("code", "value = 1", ("parameters",))])
+    runs = book.execute_chapters(chapters, out, {"value": 5}, log=lambda message: None)
+    assert [run.status for run in runs] == ["executed"] * 3
+
+    # Editing chapter 01 reruns it and chapter 02, which may read what 01 writes; 00 is skipped.
+    _write(chapters / "01_second.ipynb", [_cell("code", "value = 1", ("parameters",)), _cell("code", "x = 3")])
+    runs = book.execute_chapters(chapters, out, {"value": 5}, log=lambda message: None)
+    assert [(run.chapter.number, run.status) for run in runs] == [
+        ("00", "skipped"), ("01", "executed"), ("02", "executed")]
+
+    runs = book.execute_chapters(chapters, out, {"value": 5}, log=lambda message: None)
+    assert [run.status for run in runs] == ["skipped"] * 3

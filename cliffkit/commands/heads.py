@@ -215,7 +215,7 @@ def _write_heads_outputs(args: argparse.Namespace, lm, direction, scanned, resul
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(ranked.head(15).to_string(index=False))
-    print("\nSpearman rank correlations (signs aligned: higher = works more against refusal):")
+    print("\nSpearman rank correlations (signs aligned: higher = works more against the direction):")
     print(correlations.round(3).to_string())
     print(f"\nResults in {out_dir}")
 
