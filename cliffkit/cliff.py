@@ -15,6 +15,7 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit  # the logistic sigmoid, without overflow for large negative logits
 
 from cliffkit.activations import DEFAULT_BATCH_SIZE, Until, iter_projections
 from cliffkit.models import LoadedModel
@@ -89,7 +90,7 @@ class Trajectories:
             return logits
         if kind != "probability":
             raise ValueError(f"kind must be 'probability' or 'logit', got {kind!r}.")
-        return [1.0 / (1.0 + np.exp(-values)) for values in logits]
+        return [expit(values) for values in logits]
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> "Trajectories":
         rows = [int(row) for row in np.asarray(rows).reshape(-1)]
