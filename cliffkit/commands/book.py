@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reproduce = subparsers.add_parser(
         "reproduce", help="execute every chapter of the book in order with papermill, then build the site.")
     reproduce.add_argument("--profile", default="ci", choices=PROFILES,
-                           help="sizes of the chapters: ci (2 CPU cores, about 35 minutes), laptop or gpu "
+                           help="sizes of the chapters: ci (2 CPU cores, about 20 minutes), laptop or gpu "
                                 "(default: ci).")
     reproduce.add_argument("--run-dir", default=None,
                            help="run folder that every chapter reads and writes (default: runs/book-<profile>).")
