@@ -38,7 +38,8 @@ def adapter_sha256(adapter_dir: str | Path) -> str:
     """Return the SHA-256 of an adapter folder's weight file."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"No {ADAPTER_WEIGHTS} in {adapter_dir}; it is not a saved LoRA adapter.")
+        raise FileNotFoundError(f"Missing {ADAPTER_WEIGHTS} in {adapter_dir}, so it is not a saved LoRA adapter. "
+                                "Pass the folder that cliffkit.sft.save_adapter wrote.")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -67,7 +68,7 @@ def ensure_merged_model(name: str, adapter_dir: str | Path, dtype: torch.dtype,
     """Return the cached merged model folder, calling `build` to make it when missing.
 
     `build` returns the model with the adapter already merged and cast to `dtype`.
-    Two processes that ask at once build it once: the second waits for the lock.
+    When two processes ask at once, only one builds it and the other waits for the lock.
     """
     if dtype == torch.float32:
         raise ValueError(f"Invalid dtype {dtype} for the merged-model cache, which stores 16-bit copies only; "
